@@ -41,6 +41,8 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
 
 def validate_columns(df: pd.DataFrame, columns: Sequence[str], source: str) -> pd.DataFrame:
     """Raise when ``df`` lacks a column or has no rows; the message names them."""
+    if df.empty and len(df.columns) == 0:
+        raise ValueError(f"{source} is empty (no rows, no columns). Expected the hub schema: {list(columns)}.")
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{source} is missing the columns {missing}. Expected the hub schema: {list(columns)}.")
@@ -229,6 +231,21 @@ def prompt_pieces(dataset: str, few_shot: Sequence[tuple[str, str]], question: s
 def build_prompt(dataset: str, few_shot: Sequence[tuple[str, str]], question: str) -> str:
     """``{instruction}\\n\\n{few_shot}\\n\\nQ: {question}\\nA:``."""
     return "".join(prompt_pieces(dataset, few_shot, question))
+
+
+PARAPHRASE_INSTRUCTION = "Paraphrase the question. Keep its meaning."
+# Hand-written examples (not fixture questions) for paraphrase.py.
+PARAPHRASE_EXAMPLES: tuple[tuple[str, str], ...] = (
+    ("who founded microsoft?", "who was the founder of microsoft?"),
+    ("when did world war 2 end?", "in what year did the second world war end?"),
+    ("where is the eiffel tower?", "in which city can you find the eiffel tower?"),
+)
+
+
+def paraphrase_prompt(question: str) -> str:
+    """Few-shot prompt for paraphrase.py: instruction, example pairs, ``Question: {q}\\nParaphrase:``."""
+    examples = "\n\n".join(f"Question: {q}\nParaphrase: {p}" for q, p in PARAPHRASE_EXAMPLES)
+    return f"{PARAPHRASE_INSTRUCTION}\n\n{examples}\n\nQuestion: {question.strip()}\nParaphrase:"
 
 
 def bos_ids(tokenizer) -> list[int]:

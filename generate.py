@@ -175,6 +175,10 @@ def load_confidences(path: str | Path, uuids: Sequence[str], indexs: Sequence[in
     missing = [u for u in uuids if u not in conf]
     if missing:
         raise ValueError(f"{path} has no confidences for {len(missing)} questions (first: {missing[0]}). Run:\n  {command}")
+    too_few = min((len(conf[u]) for u in uuids), default=len(indexs))
+    if max(indexs) >= too_few:
+        raise ValueError(f"{path} has confidences for {too_few} paraphrases, but index {max(indexs)} was asked. "
+                         f"Run:\n  {command} --num-paraphrases {max(indexs) + 1} --overwrite")
     return {u: [conf[u][i] for i in indexs] for u in uuids}
 
 
