@@ -17,6 +17,33 @@ if str(ROOT) not in sys.path:
 
 import pytest  # noqa: E402
 
+import constants  # noqa: E402
+
+# CLI flags that point a script at the WebQA fixtures (offline).
+WEBQA_FIXTURE_ARGS = ["--data-file", str(constants.FIXTURE_FILES["webqa"]),
+                      "--fewshot-file", str(constants.FIXTURE_WEBQA_TRAIN),
+                      "--paraphrase-file", str(constants.FIXTURE_WEBQA_PARAPHRASES)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One torch thread: as fast for these small models, and far faster when other jobs share the 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fixture_questions(n: int) -> tuple[str, list[list[str]]]:
+    """``(prefix, paraphrases of each of the first n WebQA fixture questions)``."""
+    import dataset as ds
+
+    qs = ds.load_paraphrase_dataset("webqa", "x", str(constants.FIXTURE_FILES["webqa"]), str(constants.FIXTURE_WEBQA_TRAIN),
+                                    str(constants.FIXTURE_WEBQA_PARAPHRASES), max_samples=n)
+    return ds.prompt_prefix("webqa", qs.few_shot), [list(p) for p in qs.questions["paraphrases"]]
+
 
 @functools.lru_cache(maxsize=None)
 def load_cached(name: str, attn_implementation: str | None = None):

@@ -152,7 +152,7 @@ def run(sections: dict[str, Iterable[Callable]], fixtures: dict[str, Callable[[]
                     print(f"        {part}")
     total = time.perf_counter() - start
     code = 1 if counts["FAIL"] else 0
-    print(f"\n== Summary ==\n  " + ", ".join(f"{counts[s]} {s}" for s in STATUSES) + f" in {total:.1f} s")
+    print("\n== Summary ==\n  " + ", ".join(f"{counts[s]} {s}" for s in STATUSES) + f" in {total:.1f} s")
     if total > budget_s:
         print(f"  WARN  took {total:.0f} s, more than the {budget_s:.0f} s budget")
     for name in failed:

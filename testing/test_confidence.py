@@ -10,9 +10,9 @@ import constants
 import dataset as ds
 import utils
 from confidence import confidence_score, main
+from conftest import WEBQA_FIXTURE_ARGS
 from generate import stop_token_ids
 
-FIX = constants.FIXTURES_DIR
 
 
 def test_empty_greedy_answer_has_zero_confidence():
@@ -43,15 +43,13 @@ def greedy_reference(model, tokenizer, prompt: list[int], stops: torch.Tensor) -
 def test_end_to_end_on_fixtures(tmp_path, load_model):
     out = tmp_path / "conf.feather"
     common = ["--dataset", "webqa", "--model", "tiny_llama", "--device", "cpu",
-              "--data-file", str(FIX / "webqa_test.jsonl"), "--fewshot-file", str(FIX / "webqa_train.jsonl"),
-              "--paraphrase-file", str(FIX / "webqa_paraphrases.jsonl"), "--max-samples", "2",
+              *WEBQA_FIXTURE_ARGS, "--max-samples", "2",
               "--num-paraphrases", "3", "--num-samples", "4", "--output", str(out)]
     # a tiny temperature makes sampling equal to greedy: the reference is 1.0 (or 0.0 for an empty answer)
     assert main(common + ["--temperature", "0.0001"]) == 0
     df = pd.read_feather(out)
     assert list(df.columns) == ["uuid", "paraphrases", "greedy_answers", "confidences", "model"]
-    qs = ds.load_paraphrase_dataset("webqa", "tiny_llama", str(FIX / "webqa_test.jsonl"), str(FIX / "webqa_train.jsonl"),
-                                    str(FIX / "webqa_paraphrases.jsonl"), max_samples=2)
+    qs = ds.load_paraphrase_dataset("webqa", "tiny_llama", *WEBQA_FIXTURE_ARGS[1::2], max_samples=2)
     assert df["uuid"].tolist() == qs.questions["uuid"].tolist()
     assert [list(p) for p in df["paraphrases"]] == [list(p[:3]) for p in qs.questions["paraphrases"]]
     assert (df["model"] == "tiny_llama").all()

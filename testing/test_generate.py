@@ -12,22 +12,18 @@ import torch
 import constants
 import dataset as ds
 import generate
-from conftest import ROOT
+from conftest import ROOT, WEBQA_FIXTURE_ARGS, fixture_questions
 
 FIX = constants.FIXTURES_DIR
-DATA_ARGS = ["--data-file", str(FIX / "webqa_test.jsonl"), "--fewshot-file", str(FIX / "webqa_train.jsonl"),
-             "--paraphrase-file", str(FIX / "webqa_paraphrases.jsonl")]
 TINY = ["tiny_llama", "tiny_qwen2"]
 MAX_NEW = 8
 
 
 def fixture_prompts(tokenizer, n_questions: int = 2, n_paraphrases: int = 3) -> list[list[int]]:
     """Token ids of ``n_paraphrases`` prompts for each of ``n_questions`` fixture questions (lengths differ)."""
-    qs = ds.load_paraphrase_dataset("webqa", "x", str(FIX / "webqa_test.jsonl"), str(FIX / "webqa_train.jsonl"),
-                                    str(FIX / "webqa_paraphrases.jsonl"), max_samples=n_questions)
-    prefix = ds.prompt_prefix("webqa", qs.few_shot)
+    prefix, questions = fixture_questions(n_questions)
     return [ds.encode_prompt(tokenizer, (prefix, ds.question_segment(p), ds.ANSWER_CUE))
-            for paras in qs.questions["paraphrases"] for p in paras[:n_paraphrases]]
+            for paras in questions for p in paras[:n_paraphrases]]
 
 
 def reference_decode(model, prompt_ids, group_size, combine, stop_ids, max_new=MAX_NEW):
@@ -126,7 +122,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_writes_columns_and_refuses_overwrite(tmp_path):
     out = tmp_path / "avg.feather"
     args = ["--dataset", "webqa", "--model", "smollm2_135m_it", "--method", "avg", "--num-ensemble", "3",
-            *DATA_ARGS, "--max-samples", "2", "--device", "cpu", "--output", str(out)]
+            *WEBQA_FIXTURE_ARGS, "--max-samples", "2", "--device", "cpu", "--output", str(out)]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
     df = pd.read_feather(out)
