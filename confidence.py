@@ -62,14 +62,11 @@ def sample_answers(model, tokenizer, prompt_ids: Sequence[Sequence[int]], num_sa
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     utils.add_common_args(parser)
+    utils.add_generation_args(parser, batch_size=4)
     parser.add_argument("--num-samples", type=int, default=10, help="sampled answers per paraphrase (default: %(default)s)")
     parser.add_argument("--num-paraphrases", type=int, default=constants.NUM_PARAPHRASES,
                         help="score the first N paraphrases of each question (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
-    parser.add_argument("--fewshot-file", help="WebQA train file (hub schema) for the few-shot examples")
-    parser.add_argument("--paraphrase-file", help="WebQA paraphrase file (default: the cache file of --model)")
-    parser.add_argument("--batch-size", type=int, default=4, help="questions per batch (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=constants.MAX_NEW_TOKENS)
     return parser
 
 

@@ -81,9 +81,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
+from tqdm import tqdm
 
 import constants
 import dataset as ds
+import generate
 import utils
 
 ATTN_NAME = "self_ensemble_flex"
@@ -315,8 +318,6 @@ def build_block_mask(mask_mod, batch: int, q_len: int, kv_len: int, device, offs
     compiled kernel sees few distinct shapes. Padded keys are after every real query,
     so causality hides them.
     """
-    from torch.nn.attention.flex_attention import create_block_mask
-
     if pad_to_blocks:
         q_len = q_len if q_len < BLOCK else round_up(q_len)
         kv_len = round_up(kv_len)
@@ -325,8 +326,6 @@ def build_block_mask(mask_mod, batch: int, q_len: int, kv_len: int, device, offs
 
 def dense_mask(mask_mod, batch: int, q_len: int, kv_len: int, device, offset: int = 0) -> torch.Tensor:
     """``[B, 1, q_len, kv_len]`` bool mask from the same ``mask_mod`` (reference and pictures)."""
-    from torch.nn.attention.flex_attention import create_mask
-
     return create_mask(offset_mask_mod(mask_mod, offset, device), batch, 1, q_len, kv_len, device=device)
 
 
@@ -334,8 +333,6 @@ def dense_mask(mask_mod, batch: int, q_len: int, kv_len: int, device, offset: in
 
 
 def _check_block_mask(attention_mask) -> None:
-    from torch.nn.attention.flex_attention import BlockMask
-
     if not isinstance(attention_mask, BlockMask):
         raise TypeError(
             f"The self-ensemble FlexAttention got attention_mask of type {type(attention_mask).__name__}, "
@@ -346,8 +343,6 @@ def _check_block_mask(attention_mask) -> None:
 
 def flex_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager FlexAttention for transformers' AttentionInterface. Returns ``([B, L, H, D], None)``."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     _check_block_mask(attention_mask)
     if dropout:
         raise ValueError("self_ensemble_flex is for inference only: call model.eval() (dropout must be 0).")
@@ -357,8 +352,6 @@ def flex_attention_forward(module, query, key, value, attention_mask, scaling=No
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
     print("Compiling flex_attention with torch.compile: the first call of each new shape compiles "
           "(lengths are padded to multiples of 128 to keep shapes few). Use --no-compile to turn it off.")
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -484,8 +477,6 @@ class FlexResult:
 
 def _combine(logits: torch.Tensor, fusion: str, combine: str) -> torch.Tensor:
     """``[B, k, V]`` stream logits -> ``[B, V]`` scores."""
-    import generate
-
     if fusion == "attention":
         return logits[:, 0]
     return generate.combine_logits(logits, combine)
@@ -521,7 +512,6 @@ def flex_generate(model, tokenizer, prefix: str, paraphrases_per_question: Seque
     ``combine`` is used by logits fusion only. ``ignore_stops`` always decodes
     ``max_new_tokens`` tokens (benchmarks). See the module docstring for ``on_event``.
     """
-    import generate
     from transformers import DynamicCache
 
     _validate(fusion, positions, combine)
@@ -615,8 +605,6 @@ def recompute_generate(model, tokenizer, prefix: str, paraphrases: Sequence[str]
     ``attn_implementation="sdpa"`` (or ``"eager"``) runs the dense mask from ``create_mask``
     instead of the BlockMask through FlexAttention.
     """
-    import generate
-
     _validate(fusion, positions, combine)
     device = model.device
     stop_set = set((generate.stop_token_ids(tokenizer, model.generation_config) if stop_ids is None
@@ -711,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("Breakpoint events")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     utils.add_common_args(parser)
+    utils.add_generation_args(parser)
     parser.add_argument("--num-paraphrases", type=int, default=constants.NUM_PARAPHRASES,
                         help="use the first N paraphrases (default: %(default)s)")
     parser.add_argument("--indexs", help="comma list of paraphrase indices, like 0,2,4 (overrides --num-paraphrases)")
@@ -720,19 +709,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="shared: every paraphrase starts after the prefix; contiguous: 0..L-1 over the pack")
     parser.add_argument("--combine", choices=COMBINES, default="avg", help="logits fusion: avg of logits or max of probs")
     parser.add_argument("--no-compile", action="store_true", help="on CUDA, run flex_attention eagerly (CPU always does)")
-    parser.add_argument("--fewshot-file", help="WebQA train file (hub schema) for the few-shot examples")
-    parser.add_argument("--paraphrase-file", help="WebQA paraphrase file (default: the cache file of --model)")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per batch (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=constants.MAX_NEW_TOKENS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     constants.configure_cache(args.cache_dir)
-    import generate
-    from tqdm import tqdm
-
     start = time.time()
     indexs = generate.parse_indexs(args.indexs) or list(range(args.num_paraphrases))
     n = len(indexs)

@@ -185,15 +185,12 @@ def load_confidences(path: str | Path, uuids: Sequence[str], indexs: Sequence[in
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     utils.add_common_args(parser)
+    utils.add_generation_args(parser)
     parser.add_argument("--method", choices=constants.METHODS, default="avg", help=METHOD_HELP)
     parser.add_argument("--num-ensemble", type=int, default=constants.NUM_PARAPHRASES,
                         help="use the first N paraphrases (default: %(default)s)")
     parser.add_argument("--indexs", help="comma list of paraphrase indices, like 0,2,4 (overrides --num-ensemble)")
-    parser.add_argument("--fewshot-file", help="WebQA train file (hub schema) for the few-shot examples")
-    parser.add_argument("--paraphrase-file", help="WebQA paraphrase file (default: the cache file of --model)")
     parser.add_argument("--confidence-file", help="confidence.py output for weighted methods (default: in the cache)")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per batch (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=constants.MAX_NEW_TOKENS)
     return parser
 
 

@@ -319,6 +319,16 @@ def add_common_args(parser: argparse.ArgumentParser, default_model: str = consta
     return parser
 
 
+def add_generation_args(parser: argparse.ArgumentParser, batch_size: int = 8) -> argparse.ArgumentParser:
+    """Flags of the scripts that answer questions: few-shot and paraphrase files, batch size, answer length."""
+    parser.add_argument("--fewshot-file", help="WebQA train file (hub schema) for the few-shot examples")
+    parser.add_argument("--paraphrase-file", help="WebQA paraphrase file (default: the cache file of --model)")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="questions per batch (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=constants.MAX_NEW_TOKENS,
+                        help="longest answer in tokens (default: %(default)s)")
+    return parser
+
+
 def print_summary(df: pd.DataFrame, start: float, output: Path) -> str:
     """One line at the end of a run: rows, accuracy, seconds, output path."""
     accuracy = f"{df['correct'].mean():.3f}" if "correct" in df and len(df) else "n/a"
