@@ -1,0 +1,1 @@
+"""Reports over the result feathers (accuracy, paraphrase diversity)."""
