@@ -21,7 +21,8 @@ import pandas as pd  # noqa: E402
 
 import constants  # noqa: E402
 from analysis.results import (  # noqa: E402
-    ResultError, read_columns, report_title, require, result_files, results_dir, series_label, single_value,
+    ResultError, add_results_args, parse_results_args, read_columns, report_title, require, result_files,
+    series_label, single_value,
     text_table, write_table,
 )
 
@@ -122,26 +123,17 @@ def plot_accuracy(table: pd.DataFrame, path: Path, title: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=sorted(constants.DATASETS), default="webqa")
-    parser.add_argument("--model", help="model name of the result folder (needed unless --results-dir is given)")
-    parser.add_argument("--cache-dir", help="cache root (as for the other CLIs)")
-    parser.add_argument("--results-dir", help="folder with the result feathers (default: <cache>/results/<dataset>/<model>)")
-    parser.add_argument("--output-dir", help="where to write the CSV, Markdown and PNG (default: the results folder)")
+    add_results_args(parser, "CSV, Markdown and PNG")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not (args.model or args.results_dir):
-        parser.error("give --model (or --results-dir)")
+    args, folder, out_dir = parse_results_args(build_parser(), argv)
     try:
-        folder = results_dir(args.dataset, args.model, args.cache_dir, args.results_dir)
         table = accuracy_table(folder)
     except ResultError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    out_dir = Path(args.output_dir) if args.output_dir else folder
     shown = table.drop(columns=["series"]).dropna(axis=1, how="all")
     title = report_title(args.dataset, args.model, folder)
     print(f"Accuracy: {title} ({folder})")

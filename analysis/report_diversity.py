@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-import constants  # noqa: E402
 from analysis.results import (  # noqa: E402
-    ResultError, read_columns, report_title, require, result_files, results_dir, series_label, single_value,
+    ResultError, add_results_args, parse_results_args, read_columns, report_title, require, result_files,
+    series_label, single_value,
     text_table, write_table,
 )
 
@@ -225,11 +225,7 @@ def pick_per_prompt(files: list[Path]) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", choices=sorted(constants.DATASETS), default="webqa")
-    parser.add_argument("--model", help="model name of the result folder (needed unless --results-dir is given)")
-    parser.add_argument("--cache-dir", help="cache root (as for the other CLIs)")
-    parser.add_argument("--results-dir", help="folder with the result feathers (default: <cache>/results/<dataset>/<model>)")
-    parser.add_argument("--output-dir", help="where to write the CSV and Markdown files (default: the results folder)")
+    add_results_args(parser, "CSV and Markdown files")
     parser.add_argument("--per-prompt", help="per_prompt result file (default: per_prompt_n<N> with the largest N)")
     parser.add_argument("--ensemble", action="append", metavar="FILE[=I,J,...]",
                         help="ensemble result file (path or name in the results folder) and the paraphrase indices it "
@@ -238,12 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not (args.model or args.results_dir):
-        parser.error("give --model (or --results-dir)")
+    args, folder, out_dir = parse_results_args(build_parser(), argv)
     try:
-        folder = results_dir(args.dataset, args.model, args.cache_dir, args.results_dir)
         files = result_files(folder) if not (args.per_prompt and args.ensemble) else []
         per_prompt = Path(args.per_prompt) if args.per_prompt else pick_per_prompt(files)
         if args.ensemble:
@@ -257,7 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     except ResultError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    out_dir = Path(args.output_dir) if args.output_dir else folder
     title = report_title(args.dataset, args.model, folder)
     print(f"Paraphrase pairs ({per_prompt.name}):")
     print(text_table(pairs))

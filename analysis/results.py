@@ -30,6 +30,27 @@ def results_dir(dataset: str, model: str, cache_dir: str | None = None, override
     return utils.default_output("results", dataset, model, "x", cache_dir).parent
 
 
+def add_results_args(parser, output_help: str):
+    """Flags that name the result folder, shared by the reports."""
+    import constants
+
+    parser.add_argument("--dataset", choices=sorted(constants.DATASETS), default="webqa")
+    parser.add_argument("--model", help="model name of the result folder (needed unless --results-dir is given)")
+    parser.add_argument("--cache-dir", help="cache root (as for the other CLIs)")
+    parser.add_argument("--results-dir", help="folder with the result feathers (default: <cache>/results/<dataset>/<model>)")
+    parser.add_argument("--output-dir", help=f"where to write the {output_help} (default: the results folder)")
+    return parser
+
+
+def parse_results_args(parser, argv) -> tuple:
+    """``(args, results folder, output folder)``; a missing --model is a usage error."""
+    args = parser.parse_args(argv)
+    if not (args.model or args.results_dir):
+        parser.error("give --model (or --results-dir)")
+    folder = results_dir(args.dataset, args.model, args.cache_dir, args.results_dir)
+    return args, folder, Path(args.output_dir) if args.output_dir else folder
+
+
 def report_title(dataset: str, model: str | None, folder: Path) -> str:
     """``dataset / model``; with only ``--results-dir``, the folder's last two names."""
     return f"{dataset} / {model}" if model else f"{folder.parent.name} / {folder.name}"

