@@ -535,12 +535,14 @@ def flex_generate(model, tokenizer, prefix: str, paraphrases_per_question: Seque
     with flex_attention_enabled(model, compile) as attn_name, torch.inference_mode():
         start = time.perf_counter()
         block_mask = build_block_mask(mask_mod, batch, length, length, device, pad_to_blocks=compile)
+        mask_s = time.perf_counter() - start  # the prefill time counts the mask, not the callback
         if on_event:
             on_event("before_attention", block_mask=block_mask, mask_mod=mask_mod, visibility=tables.visibility,
                      attn_implementation=attn_name,
                      dense_mask=lambda: dense_mask(mask_mod, batch, length, length, device),
                      packed=packs, input_ids=tables.input_ids, position_ids=tables.position_ids[:, :length],
                      segment_ids=tables.segment_ids[:, :length], model=model, tokenizer=tokenizer)
+        start = time.perf_counter() - mask_s
         cache = DynamicCache()
         out = model(input_ids=tables.input_ids, attention_mask=block_mask, position_ids=tables.position_ids[:, :length],
                     cache_position=torch.arange(length, device=device), past_key_values=cache, use_cache=True,
