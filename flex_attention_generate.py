@@ -618,7 +618,7 @@ def recompute_generate(model, tokenizer, prefix: str, paraphrases: Sequence[str]
     ids = tables.input_ids
     generated: list[int] = []
     start = time.perf_counter()
-    with _attention(model, attn_implementation), torch.inference_mode():
+    with attention_implementation(model, attn_implementation), torch.inference_mode():
         for step in range(max_new_tokens):
             n = ids.shape[1]
             if attn_implementation is None:
@@ -637,6 +637,11 @@ def recompute_generate(model, tokenizer, prefix: str, paraphrases: Sequence[str]
                                                 "steps": len(generated)})
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask -> float additive mask: 0 where visible, the dtype's minimum where hidden (for ``eager``)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 def reference_mask(mask_mod, batch: int, q_len: int, kv_len: int, device, attn_implementation: str,
                    dtype: torch.dtype = torch.float32, offset: int = 0) -> torch.Tensor:
     """Dense 4-D mask for a non-flex attention: bool for ``sdpa``, additive float (0 / min) for ``eager``."""
@@ -644,7 +649,7 @@ def reference_mask(mask_mod, batch: int, q_len: int, kv_len: int, device, attn_i
     if attn_implementation == "sdpa":
         return mask
     if attn_implementation == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        return additive_mask(mask, dtype)
     raise ValueError(f"No dense reference mask for {attn_implementation!r}; use 'sdpa' or 'eager'.")
 
 
@@ -663,15 +668,15 @@ def packed_logits(model, tokenizer, packs: Sequence[PackedPrompt], attn_implemen
         mask = build_block_mask(mask_mod, batch, n, n, device, pad_to_blocks=pad_to_blocks)
     else:
         mask = reference_mask(mask_mod, batch, n, n, device, attn_implementation, model.dtype)
-    with _attention(model, attn_implementation), torch.inference_mode():
+    with attention_implementation(model, attn_implementation), torch.inference_mode():
         out = model(input_ids=tables.input_ids, attention_mask=mask, position_ids=tables.position_ids[:, :n],
                     use_cache=False)
     return out.logits.float()
 
 
 @contextmanager
-def _attention(model, attn_implementation: str | None):
-    """FlexAttention (default) or another implementation (``sdpa`` for the dense reference)."""
+def attention_implementation(model, attn_implementation: str | None):
+    """Run ``model`` with FlexAttention (None) or another implementation (``sdpa``/``eager`` references); restore it."""
     if attn_implementation is None:
         with flex_attention_enabled(model) as name:
             yield name

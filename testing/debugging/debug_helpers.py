@@ -26,7 +26,6 @@ import inspect
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -377,22 +376,6 @@ def inspect_attention_mask(mask, ranges: Sequence[Range], block_mask=None, png_p
 # --- attention shares (dense eager reference) -------------------------------------------
 
 
-@contextmanager
-def eager_attention(model):
-    """Switch ``model`` to transformers' ``eager`` attention (it returns attention weights); restore afterwards."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(previous)
-
-
-def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Bool mask -> float additive mask: 0 where visible, the dtype's minimum where hidden (for eager)."""
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
-
 def key_labels(packed, length: int) -> list[str]:
     """Label of every key index: the span name for the prompt, ``generated`` (or ``generated i`` per stream) after it."""
     labels = [""] * length
@@ -461,8 +444,8 @@ def reference_attention(model, packed, generated: Sequence[int], step: int, laye
     if query_index is None:
         query_index = list(packed.read_index) if step == 0 else [len(packed) + (step - 1) * k + i for i in range(k)]
     rows = torch.tensor(list(query_index), device=device)
-    with eager_attention(model), torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=additive_mask(dense, model.dtype),
+    with fag.attention_implementation(model, "eager"), torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=fag.additive_mask(dense, model.dtype),
                     position_ids=tables.position_ids[:, :length], use_cache=False, output_attentions=True,
                     logits_to_keep=rows)
     if not out.attentions:

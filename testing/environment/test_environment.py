@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 
 import constants  # noqa: E402
 from testing import report  # noqa: E402
+from testing.check_pins import read_pins  # noqa: E402
 
 PACKAGES = ("torch", "transformers", "datasets", "huggingface_hub", "pandas", "numpy", "spacy", "tqdm", "pyarrow")
 MUST_MATCH = ("torch", "transformers")  # other differences from requirements.txt are listed, not warned
@@ -42,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def pins() -> dict[str, str]:
     """``{distribution: version}`` from requirements.txt."""
-    lines = (ROOT / "requirements.txt").read_text().splitlines()
-    return dict(line.split("#")[0].strip().split("==") for line in lines if "==" in line.split("#")[0])
+    return read_pins(ROOT / "requirements.txt")
 
 
 def pick_device(opts: argparse.Namespace):
